@@ -1,0 +1,471 @@
+"""The extraction job: stimuli in, one store out. ``featx extract`` calls :func:`extract`."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .extractor import Extractor
+from .models import load_model
+from .reduce import Reduction, parse_reductions
+from .registry import ModelEntry, get_entry
+
+__all__ = ["BadInputError", "ExtractionResult", "extract", "build_source", "select_device"]
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class BadInputError(ValueError):
+    """Stimuli that cannot be used; ``bad`` lists every (path, reason)."""
+
+    def __init__(self, message: str, bad: Sequence = ()):
+        super().__init__(message)
+        self.bad = list(bad)
+
+
+@dataclass
+class ExtractionResult:
+    """What :func:`extract` did."""
+
+    store: str
+    rows: int
+    rows_written: int
+    seconds: float
+    resumed: bool
+    skipped: list = field(default_factory=list)
+    outputs: dict = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.rows_written / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        how = "resumed, " if self.resumed else ""
+        skipped = f", {len(self.skipped)} bad file(s) skipped" if self.skipped else ""
+        return (f"{self.store}: {self.rows} stimuli x {len(self.outputs)} variables ({how}"
+                f"{self.rows_written} extracted in {self.seconds:.1f} s, {self.rate:.1f} stimuli/s{skipped})")
+
+
+def extract(
+    model_name: str,
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    store: str | os.PathLike,
+    *,
+    stages: Sequence[str] | Mapping[str, str] | None = None,
+    weights: str | os.PathLike | None = None,
+    model_options: Mapping[str, Any] | None = None,
+    trust_checkpoint: bool = False,
+    stimuli: str | os.PathLike | None = None,
+    background: tuple[int, int, int] = (255, 255, 255),
+    clip: str = "start",
+    hop: float | None = None,
+    skip_bad: bool = False,
+    reduce: Sequence[str] | None = None,
+    keep_full: bool = True,
+    batch_size: int | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    precision: str = "fp32",
+    storage_dtype: str = "float32",
+    compression: str | None = None,
+    max_store_bytes: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> ExtractionResult:
+    """Run ``model_name`` over the stimuli in ``inputs`` and write the stages to ``store``.
+
+    Rerunning the same call after an interruption continues from the last completed
+    batch; a call whose settings differ from the unfinished store's is refused, naming
+    the setting, unless ``overwrite=True``.
+
+    Args:
+        model_name: registry name (``featx.list_models()``).
+        inputs: a folder of images or sounds (searched recursively), or a list of files.
+        store: the HDF5 file to write.
+        stages: registry stage names (default: all), or ``{name: module path}``.
+        weights, model_options, trust_checkpoint: as for :func:`featx.load_model`.
+        stimuli: a list file giving the order and ids of the stimuli.
+        background: RGB that transparent image pixels are composited onto.
+        clip, hop: audio length policy (``start``, ``center``, ``windows``).
+        skip_bad: go on without undecodable files (recorded in the store) instead of
+            stopping before any compute.
+        reduce: reductions (``spatial-mean``, ``time-mean``, ``srp:DIM[:SEED]``), each
+            stored as ``<stage>.<reduction>``; ``keep_full=False`` stores only those.
+        batch_size: stimuli per forward pass (default: chosen from the stage sizes).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        workers: DataLoader processes that decode stimuli (default: chosen from the CPUs).
+        precision: ``fp32``, or ``bf16``/``fp16`` autocast for the forward pass.
+        storage_dtype, compression, max_store_bytes: how the store holds the values.
+        overwrite: replace an existing store.
+        progress: show a progress bar.
+        command: the command line to record (the CLI passes its own).
+    """
+    from .store import StoreWriter
+
+    started = time.perf_counter()
+    start_time = _now()
+    entry = get_entry(model_name)
+    reductions = parse_reductions(reduce)
+    if not keep_full and not reductions:
+        raise ValueError("keep_full=False (--reduce-only) needs at least one --reduce")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    torch_device = select_device(device)
+
+    # 1. Find and check every stimulus before any compute.
+    source = build_source(entry, inputs, stimuli=stimuli, background=background, clip=clip, hop=hop)
+    skipped = _check_source(source, inputs, skip_bad)
+
+    # 2. Model, stages and one probe item: the shape of every variable in the store.
+    model = load_model(model_name, weights, trust_checkpoint=trust_checkpoint, **dict(model_options or {}))
+    model.to(torch_device)
+    channels_last = torch_device.type == "cuda" and entry.modality == "image"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    extractor = Extractor(model, _stage_request(entry, stages))
+    variables = _probe_variables(extractor, entry, source, torch_device, reductions, keep_full)
+    batch_size = batch_size or _auto_batch_size(variables, torch_device)
+
+    # 3. Open the store: create it, or resume an unfinished one with the same settings.
+    config = _config(entry, model, extractor, source, reductions, keep_full, precision, storage_dtype)
+    provenance = _provenance(entry, model, torch_device, precision, batch_size, workers, command,
+                             start_time, skipped, channels_last)
+    layout = _layout(variables, source, config, provenance, storage_dtype, compression)
+    writer = StoreWriter.open(store, layout, overwrite=overwrite, max_bytes=max_store_bytes)
+    try:
+        todo = writer.pending_rows()
+        resumed = len(todo) < len(source)
+        if resumed:
+            log.info("resuming %s: %d of %d stimuli already done", store, len(source) - len(todo), len(source))
+
+        # 4. Extract batch by batch; a background thread writes while the next batch runs.
+        workers = _auto_workers(workers, len(todo), batch_size)
+        loader = _loader(source, todo, batch_size, workers, torch_device)
+        autocast = PRECISIONS[precision]
+        with _BackgroundWriter(writer) as background_writer, _progress(len(source), len(source) - len(todo),
+                                                                          progress, entry.name) as bar:
+            for rows, batch in loader:
+                batch = batch.to(torch_device, non_blocking=True)
+                if channels_last:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                values = _run_batch(extractor, batch, autocast, torch_device, variables, reductions, keep_full)
+                background_writer.put(rows.numpy(), values)
+                bar.update(len(rows))
+        writer.finish({"end_time": _now(), "seconds": round(time.perf_counter() - started, 3)})
+    finally:
+        writer.close()
+
+    result = ExtractionResult(store=str(store), rows=len(source), rows_written=len(todo),
+                              seconds=time.perf_counter() - started, resumed=resumed,
+                              skipped=skipped, outputs={k: v[0] for k, v in variables.items()})
+    log.info("%s", result.summary())
+    return result
+
+
+def select_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available; an unavailable CUDA device is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif chosen.type != "cpu":
+        raise ValueError(f"--device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return chosen
+
+
+def build_source(entry: ModelEntry, inputs, *, stimuli=None, background=(255, 255, 255),
+                 clip="start", hop=None):
+    """The image or audio source for ``entry``'s input contract."""
+    if entry.modality == "image":
+        from .sources.images import ImageSource
+
+        return ImageSource(inputs, entry.input, background=background, stimuli_list=stimuli)
+    from .sources.audio import AudioSource
+
+    return AudioSource(inputs, entry.input, clip=clip, hop=hop, stimuli_list=stimuli)
+
+
+def _check_source(source, inputs, skip_bad: bool) -> list:
+    if len(source) == 0:
+        kind = "image" if "Image" in type(source).__name__ else "sound"
+        raise BadInputError(f"no {kind} files found in {str(inputs)!r}; point featx at a folder of "
+                            f"{kind}s (hidden files and other extensions are skipped)")
+    bad = source.check()
+    if bad and not skip_bad:
+        lines = "\n".join(f"  {b.path}: {b.reason}" for b in bad)
+        raise BadInputError(f"{len(bad)} of {len(source)} stimulus files cannot be used:\n{lines}\n"
+                            "Fix or remove them, or pass --skip-bad to go on without them "
+                            "(they are recorded in the store).", bad)
+    if bad:
+        log.warning("skipping %d bad file(s): %s", len(bad), ", ".join(b.path for b in bad))
+        source.drop([b.path for b in bad])
+        if len(source) == 0:
+            raise BadInputError(f"every stimulus file in {str(inputs)!r} is bad; nothing to extract", bad)
+    return [{"path": b.path, "reason": b.reason} for b in bad]
+
+
+def _stage_request(entry: ModelEntry, stages) -> list[str] | dict[str, str]:
+    """Registry names stay names; a mapping may mix names (path None) and module paths."""
+    if stages is None:
+        return entry.stage_names
+    if isinstance(stages, Mapping):
+        return {name: entry.stage(name).module if path is None else path for name, path in stages.items()}
+    return list(stages)
+
+
+def _probe_variables(extractor, entry, source, device, reductions, keep_full) -> dict:
+    """Run one stimulus to learn every output's shape; check registry shapes."""
+    item = source.load(0).unsqueeze(0).to(device)
+    outputs = extractor(item)
+    variables = {}
+    for name, tensor in outputs.items():
+        stage_name, _, call = name.partition("@")
+        shape = tuple(tensor.shape[1:])
+        dims = _dims_for(entry, extractor, stage_name, shape)
+        if not call and stage_name in entry.stage_names and entry.stage(stage_name).module == extractor.stage_paths[stage_name]:
+            expected = entry.stage(stage_name).shape
+            if shape != expected:
+                raise RuntimeError(f"stage {stage_name!r} of {entry.name!r} has shape {shape}, but the "
+                                   f"registry ({entry.path}) says {expected}")
+        if keep_full:
+            variables[name] = (shape, dims, None)
+        for r in reductions:
+            if r.applies_to(dims):
+                variables[f"{name}.{r.suffix}"] = (*r.output(shape, dims), (r, name, dims))
+    if not variables:
+        raise ValueError(f"no reduction applies to the requested stages: {', '.join(outputs)}")
+    return variables
+
+
+def _dims_for(entry: ModelEntry, extractor, stage_name: str, shape: tuple) -> tuple[str, ...]:
+    if stage_name in entry.stage_names:
+        stage = entry.stage(stage_name)
+        if stage.module == extractor.stage_paths.get(stage_name) and len(stage.dims) == len(shape):
+            return stage.dims
+    maps = ("channel", "y", "x") if entry.modality == "image" else ("channel", "frequency", "time")
+    if len(shape) == 3:
+        return maps
+    if len(shape) == 1:
+        return ("feature",)
+    return tuple(f"axis{i}" for i in range(len(shape)))
+
+
+def _auto_batch_size(variables: dict, device: torch.device) -> int:
+    """Keep one batch of captured activations near 256 MB (CPU) or 2 GB (GPU)."""
+    per_item = sum(4 * int(np.prod(shape)) for shape, _, _ in variables.values())
+    budget = (2 << 30) if device.type == "cuda" else (256 << 20)
+    return int(max(1, min(64 if device.type == "cuda" else 32, budget // max(per_item, 1))))
+
+
+def _auto_workers(workers: int | None, n_todo: int, batch_size: int) -> int:
+    if workers is not None:
+        if workers < 0:
+            raise ValueError(f"--workers {workers} must be 0 or more")
+        return workers
+    if n_todo <= batch_size:
+        return 0
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, source, rows):
+        self.source, self.rows = source, np.asarray(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = int(self.rows[i])
+        return row, self.source.load(row)
+
+
+def _loader(source, rows, batch_size, workers, device):
+    return torch.utils.data.DataLoader(
+        _Rows(source, rows), batch_size=batch_size, shuffle=False, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+
+
+def _run_batch(extractor, batch, autocast, device, variables, reductions, keep_full) -> dict:
+    if autocast is not None:
+        with torch.autocast(device.type, dtype=autocast):
+            outputs = extractor(batch)
+    else:
+        outputs = extractor(batch)
+    values = {}
+    for name, (_, _, how) in variables.items():
+        if how is None:
+            values[name] = outputs[name].float().cpu().numpy()
+        else:
+            reduction, source_name, dims = how
+            values[name] = reduction.apply(outputs[source_name].float(), dims).cpu().numpy()
+    return values
+
+
+class _BackgroundWriter:
+    """Hands batches to the store writer on a thread, so writing overlaps compute."""
+
+    def __init__(self, writer, depth: int = 2):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="featx-writer", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def put(self, rows: np.ndarray, values: dict) -> None:
+        self._raise()
+        self.queue.put((rows, values))
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.writer.write_rows(*item)
+                except BaseException as err:  # re-raised in the main thread
+                    self.error = err
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if exc is None:
+            self._raise()
+
+
+class _progress:
+    def __init__(self, total: int, done: int, enabled: bool, label: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=done, unit="stim", desc=label, disable=not enabled,
+                        dynamic_ncols=True, smoothing=0.1)
+
+    def __enter__(self):
+        return self.bar
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+def _stimulus_hash(source) -> str:
+    digest = hashlib.sha256()
+    for s in source.stimuli:
+        digest.update(f"{s.id}\0{s.sha256}\0{s.onset!r}\n".encode())
+    return digest.hexdigest()
+
+
+def _config(entry, model, extractor, source, reductions, keep_full, precision, storage_dtype) -> dict:
+    """Every setting that determines the stored values; compared on resume."""
+    weights = {k: v for k, v in model.featx_weights.items() if k not in ("path",)}
+    return {
+        "model": {"name": entry.name, "registry_sha256": entry.sha256, "options": model.featx_options},
+        "weights": weights,
+        "stages": dict(extractor.stage_paths),
+        "preprocessing": source.settings(),
+        "reduce": {"reductions": [r.settings() for r in reductions], "keep_full": keep_full},
+        "precision": precision,
+        "storage_dtype": storage_dtype,
+        "stimuli": {"count": len(source), "sha256": _stimulus_hash(source)},
+    }
+
+
+def _provenance(entry, model, device, precision, batch_size, workers, command, start_time, skipped,
+                channels_last) -> dict:
+    import h5py
+
+    return {
+        "featx_version": __version__,
+        "featx_git_revision": _git_revision(),
+        "model": entry.name,
+        "model_title": entry.title,
+        "model_reference": entry.reference,
+        "registry_file": Path(entry.path).name,
+        "registry_sha256": entry.sha256,
+        "weights": model.featx_weights,
+        "weights_sha256": model.featx_weights.get("sha256", f"random init, seed {model.featx_weights.get('seed')}"),
+        "model_options": model.featx_options,
+        "input_contract": {k: v for k, v in vars(entry.input).items() if v is not None},
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "h5py_version": h5py.__version__,
+        "python_version": platform.python_version(),
+        "hostname": platform.node(),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "precision": precision,
+        "channels_last": channels_last,
+        "batch_size": batch_size,
+        "workers": workers if workers is not None else "auto",
+        "command": command or " ".join(sys.argv),
+        "start_time": start_time,
+        "skipped_files": skipped,
+    }
+
+
+def _layout(variables, source, config, provenance, storage_dtype, compression):
+    from .store import StageSpec, StoreLayout
+
+    return StoreLayout(
+        stages={name: StageSpec(shape=shape, dims=dims) for name, (shape, dims, _) in variables.items()},
+        n_rows=len(source),
+        row_columns=_row_columns(source),
+        config=config,
+        attrs=provenance,
+        storage_dtype=storage_dtype,
+        compression=compression,
+    )
+
+
+def _row_columns(source) -> dict[str, np.ndarray]:
+    columns = {"stimulus": np.array([s.id for s in source.stimuli], dtype=object)}
+    columns.update(source.columns())
+    return columns
+
+
+def _git_revision() -> str:
+    here = Path(__file__).resolve().parent.parent
+    if not (here / ".git").exists():
+        return ""
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
