@@ -154,7 +154,7 @@ def _describe_input(contract) -> str:
 def _cmd_extract(args) -> None:
     from .pipeline import extract
 
-    result = extract(
+    extract(  # logs its one-line summary
         args.model,
         args.inputs,
         args.output,
@@ -180,7 +180,6 @@ def _cmd_extract(args) -> None:
         progress=not args.no_progress,
         command=shlex.join(["featx", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("featx") else None,
     )
-    print(result.summary())
 
 
 def _cmd_info(args) -> None:

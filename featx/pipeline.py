@@ -25,7 +25,8 @@ from .models import load_model
 from .reduce import Reduction, parse_reductions
 from .registry import ModelEntry, get_entry
 
-__all__ = ["BadInputError", "ExtractionResult", "extract", "build_source", "select_device"]
+__all__ = ["BadInputError", "ExtractionResult", "Job", "build_source", "extract", "prepare", "select_device",
+           "shard_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,113 @@ class ExtractionResult:
                 f"{self.rows_written} extracted in {self.seconds:.1f} s, {self.rate:.1f} stimuli/s{skipped})")
 
 
+@dataclass
+class Job:
+    """Everything needed to turn stimulus rows into stored values (see :func:`prepare`).
+
+    ``rows[r]`` is the source index of store row ``r`` (all stimuli, or one shard's
+    contiguous block of them).
+    """
+
+    entry: ModelEntry
+    source: Any
+    rows: np.ndarray
+    model: torch.nn.Module
+    extractor: Extractor
+    device: torch.device
+    variables: dict
+    reductions: list[Reduction]
+    keep_full: bool
+    precision: str
+    channels_last: bool
+    skipped: list
+
+    def loader(self, store_rows: np.ndarray, batch_size: int, workers: int):
+        """Batches of ``(store rows, stimuli)`` decoded by ``workers`` processes."""
+        return torch.utils.data.DataLoader(
+            _Rows(self.source, np.asarray(store_rows), self.rows), batch_size=batch_size, shuffle=False,
+            num_workers=workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )
+
+    def run_batch(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        """The stored values (after reductions) of one batch of stimuli."""
+        batch = batch.to(self.device, non_blocking=True)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        autocast = PRECISIONS[self.precision]
+        if autocast is not None:
+            with torch.autocast(self.device.type, dtype=autocast):
+                outputs = self.extractor(batch)
+        else:
+            outputs = self.extractor(batch)
+        values = {}
+        for name, (_, _, how) in self.variables.items():
+            if how is None:
+                values[name] = outputs[name].float().cpu().numpy()
+            else:
+                reduction, source_name, dims = how
+                values[name] = reduction.apply(outputs[source_name].float(), dims).cpu().numpy()
+        return values
+
+
+def prepare(
+    model_name: str,
+    inputs,
+    *,
+    stages=None,
+    weights=None,
+    model_options=None,
+    trust_checkpoint: bool = False,
+    stimuli=None,
+    background=(255, 255, 255),
+    clip: str = "start",
+    hop: float | None = None,
+    skip_bad: bool = False,
+    reduce=None,
+    keep_full: bool = True,
+    device: str = "auto",
+    precision: str = "fp32",
+    shard: tuple[int, int] | None = None,
+) -> Job:
+    """Check the stimuli, load the model and learn the shape of every stored variable."""
+    entry = get_entry(model_name)
+    reductions = parse_reductions(reduce)
+    if not keep_full and not reductions:
+        raise ValueError("keep_full=False (--reduce-only) needs at least one --reduce")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    torch_device = select_device(device)
+
+    # Find and check every stimulus before any compute.
+    source = build_source(entry, inputs, stimuli=stimuli, background=background, clip=clip, hop=hop)
+    skipped = _check_source(source, inputs, skip_bad)
+    rows = shard_rows(len(source), shard)
+
+    # Model and stages; one probe stimulus gives the shape of every variable.
+    model = load_model(model_name, weights, trust_checkpoint=trust_checkpoint, **dict(model_options or {}))
+    model.to(torch_device)
+    channels_last = torch_device.type == "cuda" and entry.modality == "image"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    extractor = Extractor(model, _stage_request(entry, stages))
+    variables = _probe_variables(extractor, entry, source, torch_device, reductions, keep_full)
+    return Job(entry, source, rows, model, extractor, torch_device, variables, reductions, keep_full,
+               precision, channels_last, skipped)
+
+
+def shard_rows(n: int, shard: tuple[int, int] | None) -> np.ndarray:
+    """Source indices of shard ``k`` of ``n_shards`` (0-based): a contiguous block."""
+    if shard is None:
+        return np.arange(n)
+    k, n_shards = shard
+    if not (n_shards >= 1 and 0 <= k < n_shards):
+        raise ValueError(f"shard {k}/{n_shards} is invalid: need 0 <= K < N (K is 0-based)")
+    if n_shards > n:
+        raise ValueError(f"{n_shards} shards for {n} stimuli: use at most {n} shards")
+    return np.arange(k * n // n_shards, (k + 1) * n // n_shards)
+
+
 def extract(
     model_name: str,
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
@@ -86,6 +194,7 @@ def extract(
     storage_dtype: str = "float32",
     compression: str | None = None,
     max_store_bytes: int | None = None,
+    shard: tuple[int, int] | None = None,
     overwrite: bool = False,
     progress: bool = True,
     command: str | None = None,
@@ -114,6 +223,8 @@ def extract(
         workers: DataLoader processes that decode stimuli (default: chosen from the CPUs).
         precision: ``fp32``, or ``bf16``/``fp16`` autocast for the forward pass.
         storage_dtype, compression, max_store_bytes: how the store holds the values.
+        shard: ``(k, n)``: extract only the k-th (0-based) of n contiguous blocks of
+            stimuli, for job arrays; ``featx merge`` combines the shard stores.
         overwrite: replace an existing store.
         progress: show a progress bar.
         command: the command line to record (the CLI passes its own).
@@ -122,60 +233,38 @@ def extract(
 
     started = time.perf_counter()
     start_time = _now()
-    entry = get_entry(model_name)
-    reductions = parse_reductions(reduce)
-    if not keep_full and not reductions:
-        raise ValueError("keep_full=False (--reduce-only) needs at least one --reduce")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    torch_device = select_device(device)
+    job = prepare(model_name, inputs, stages=stages, weights=weights, model_options=model_options,
+                  trust_checkpoint=trust_checkpoint, stimuli=stimuli, background=background, clip=clip,
+                  hop=hop, skip_bad=skip_bad, reduce=reduce, keep_full=keep_full, device=device,
+                  precision=precision, shard=shard)
+    batch_size = batch_size or _auto_batch_size(job.variables, job.device)
 
-    # 1. Find and check every stimulus before any compute.
-    source = build_source(entry, inputs, stimuli=stimuli, background=background, clip=clip, hop=hop)
-    skipped = _check_source(source, inputs, skip_bad)
-
-    # 2. Model, stages and one probe item: the shape of every variable in the store.
-    model = load_model(model_name, weights, trust_checkpoint=trust_checkpoint, **dict(model_options or {}))
-    model.to(torch_device)
-    channels_last = torch_device.type == "cuda" and entry.modality == "image"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    extractor = Extractor(model, _stage_request(entry, stages))
-    variables = _probe_variables(extractor, entry, source, torch_device, reductions, keep_full)
-    batch_size = batch_size or _auto_batch_size(variables, torch_device)
-
-    # 3. Open the store: create it, or resume an unfinished one with the same settings.
-    config = _config(entry, model, extractor, source, reductions, keep_full, precision, storage_dtype)
-    provenance = _provenance(entry, model, torch_device, precision, batch_size, workers, command,
-                             start_time, skipped, channels_last)
-    layout = _layout(variables, source, config, provenance, storage_dtype, compression)
+    # Open the store: create it, or resume an unfinished one with the same settings.
+    config = _config(job, storage_dtype, shard)
+    provenance = _provenance(job, batch_size, workers, command, start_time)
+    layout = _layout(job, config, provenance, storage_dtype, compression)
     writer = StoreWriter.open(store, layout, overwrite=overwrite, max_bytes=max_store_bytes)
     try:
         todo = writer.pending_rows()
-        resumed = len(todo) < len(source)
+        n_rows = len(job.rows)
+        resumed = len(todo) < n_rows
         if resumed:
-            log.info("resuming %s: %d of %d stimuli already done", store, len(source) - len(todo), len(source))
+            log.info("resuming %s: %d of %d stimuli already done", store, n_rows - len(todo), n_rows)
 
-        # 4. Extract batch by batch; a background thread writes while the next batch runs.
+        # Extract batch by batch; a background thread writes while the next batch runs.
         workers = _auto_workers(workers, len(todo), batch_size)
-        loader = _loader(source, todo, batch_size, workers, torch_device)
-        autocast = PRECISIONS[precision]
-        with _BackgroundWriter(writer) as background_writer, _progress(len(source), len(source) - len(todo),
-                                                                          progress, entry.name) as bar:
-            for rows, batch in loader:
-                batch = batch.to(torch_device, non_blocking=True)
-                if channels_last:
-                    batch = batch.contiguous(memory_format=torch.channels_last)
-                values = _run_batch(extractor, batch, autocast, torch_device, variables, reductions, keep_full)
-                background_writer.put(rows.numpy(), values)
-                bar.update(len(rows))
+        with _BackgroundWriter(writer) as background_writer, \
+                _progress(n_rows, n_rows - len(todo), progress, job.entry.name) as bar:
+            for store_rows, batch in job.loader(todo, batch_size, workers):
+                background_writer.put(store_rows.numpy(), job.run_batch(batch))
+                bar.update(len(store_rows))
         writer.finish({"end_time": _now(), "seconds": round(time.perf_counter() - started, 3)})
     finally:
         writer.close()
 
-    result = ExtractionResult(store=str(store), rows=len(source), rows_written=len(todo),
+    result = ExtractionResult(store=str(store), rows=n_rows, rows_written=len(todo),
                               seconds=time.perf_counter() - started, resumed=resumed,
-                              skipped=skipped, outputs={k: v[0] for k, v in variables.items()})
+                              skipped=job.skipped, outputs={k: v[0] for k, v in job.variables.items()})
     log.info("%s", result.summary())
     return result
 
@@ -293,39 +382,17 @@ def _auto_workers(workers: int | None, n_todo: int, batch_size: int) -> int:
 
 
 class _Rows(torch.utils.data.Dataset):
-    def __init__(self, source, rows):
-        self.source, self.rows = source, np.asarray(rows)
+    """Store rows -> ``(store row, decoded stimulus)``; ``rows`` maps to source indices."""
+
+    def __init__(self, source, store_rows: np.ndarray, rows: np.ndarray):
+        self.source, self.store_rows, self.rows = source, store_rows, rows
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.store_rows)
 
     def __getitem__(self, i):
-        row = int(self.rows[i])
-        return row, self.source.load(row)
-
-
-def _loader(source, rows, batch_size, workers, device):
-    return torch.utils.data.DataLoader(
-        _Rows(source, rows), batch_size=batch_size, shuffle=False, num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
-
-
-def _run_batch(extractor, batch, autocast, device, variables, reductions, keep_full) -> dict:
-    if autocast is not None:
-        with torch.autocast(device.type, dtype=autocast):
-            outputs = extractor(batch)
-    else:
-        outputs = extractor(batch)
-    values = {}
-    for name, (_, _, how) in variables.items():
-        if how is None:
-            values[name] = outputs[name].float().cpu().numpy()
-        else:
-            reduction, source_name, dims = how
-            values[name] = reduction.apply(outputs[source_name].float(), dims).cpu().numpy()
-    return values
+        row = int(self.store_rows[i])
+        return row, self.source.load(int(self.rows[row]))
 
 
 class _BackgroundWriter:
@@ -381,32 +448,35 @@ class _progress:
         self.bar.close()
 
 
-def _stimulus_hash(source) -> str:
+def _stimulus_hash(stimuli) -> str:
     digest = hashlib.sha256()
-    for s in source.stimuli:
+    for s in stimuli:
         digest.update(f"{s.id}\0{s.sha256}\0{s.onset!r}\n".encode())
     return digest.hexdigest()
 
 
-def _config(entry, model, extractor, source, reductions, keep_full, precision, storage_dtype) -> dict:
+def _config(job: Job, storage_dtype: str, shard) -> dict:
     """Every setting that determines the stored values; compared on resume."""
-    weights = {k: v for k, v in model.featx_weights.items() if k not in ("path",)}
+    stimuli = [job.source.stimuli[i] for i in job.rows]
+    weights = {k: v for k, v in job.model.featx_weights.items() if k != "path"}
     return {
-        "model": {"name": entry.name, "registry_sha256": entry.sha256, "options": model.featx_options},
+        "model": {"name": job.entry.name, "registry_sha256": job.entry.sha256,
+                  "options": job.model.featx_options},
         "weights": weights,
-        "stages": dict(extractor.stage_paths),
-        "preprocessing": source.settings(),
-        "reduce": {"reductions": [r.settings() for r in reductions], "keep_full": keep_full},
-        "precision": precision,
+        "stages": dict(job.extractor.stage_paths),
+        "preprocessing": job.source.settings(),
+        "reduce": {"reductions": [r.settings() for r in job.reductions], "keep_full": job.keep_full},
+        "precision": job.precision,
         "storage_dtype": storage_dtype,
-        "stimuli": {"count": len(source), "sha256": _stimulus_hash(source)},
+        "stimuli": {"count": len(stimuli), "sha256": _stimulus_hash(stimuli),
+                    "shard": list(shard) if shard else None},
     }
 
 
-def _provenance(entry, model, device, precision, batch_size, workers, command, start_time, skipped,
-                channels_last) -> dict:
+def _provenance(job: Job, batch_size, workers, command, start_time) -> dict:
     import h5py
 
+    entry, model, device = job.entry, job.model, job.device
     return {
         "featx_version": __version__,
         "featx_git_revision": _git_revision(),
@@ -425,34 +495,30 @@ def _provenance(entry, model, device, precision, batch_size, workers, command, s
         "python_version": platform.python_version(),
         "hostname": platform.node(),
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "precision": precision,
-        "channels_last": channels_last,
+        "precision": job.precision,
+        "channels_last": job.channels_last,
         "batch_size": batch_size,
         "workers": workers if workers is not None else "auto",
         "command": command or " ".join(sys.argv),
         "start_time": start_time,
-        "skipped_files": skipped,
+        "skipped_files": job.skipped,
     }
 
 
-def _layout(variables, source, config, provenance, storage_dtype, compression):
+def _layout(job: Job, config, provenance, storage_dtype, compression):
     from .store import StageSpec, StoreLayout
 
+    columns = {"stimulus": np.array([job.source.stimuli[i].id for i in job.rows], dtype=object)}
+    columns.update({k: np.asarray(v)[job.rows] for k, v in job.source.columns().items()})
     return StoreLayout(
-        stages={name: StageSpec(shape=shape, dims=dims) for name, (shape, dims, _) in variables.items()},
-        n_rows=len(source),
-        row_columns=_row_columns(source),
+        stages={name: StageSpec(shape=shape, dims=dims) for name, (shape, dims, _) in job.variables.items()},
+        n_rows=len(job.rows),
+        row_columns=columns,
         config=config,
         attrs=provenance,
         storage_dtype=storage_dtype,
         compression=compression,
     )
-
-
-def _row_columns(source) -> dict[str, np.ndarray]:
-    columns = {"stimulus": np.array([s.id for s in source.stimuli], dtype=object)}
-    columns.update(source.columns())
-    return columns
 
 
 def _git_revision() -> str:
