@@ -19,6 +19,7 @@ COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded as the command line
     _configure_logging(args.verbose - args.quiet)
     if not getattr(args, "run", None):
         parser.print_help()
@@ -36,11 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoints import CheckpointError
+    from .distributed import DistributedError
     from .registry import RegistryError
     from .store import StoreError
 
     return (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, CheckpointError,
-            RegistryError, StoreError)
+            RegistryError, StoreError, DistributedError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,13 +111,21 @@ def _extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="decoding processes (default: automatic)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="forward-pass precision (autocast); default fp32")
-    p.add_argument("--dtype", dest="storage_dtype", choices=("float32", "float16"), default="float32",
-                   help="storage dtype (default float32)")
+    p.add_argument("--dtype", "--storage-dtype", dest="storage_dtype", choices=("float32", "float16"),
+                   default="float32", help="storage dtype (default float32)")
     p.add_argument("--compression", choices=("gzip", "lzf"), help="HDF5 compression filter")
     p.add_argument("--max-store-size", metavar="BYTES", help="refuse to start if the store would be "
                    "larger, e.g. 50G")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--shard", default="auto", metavar="K/N",
+                   help="extract only the K-th (0-based) of N blocks of stimuli into its shard store "
+                   "beside -o, for job arrays; auto (default): from SLURM array variables when "
+                   "present; none: every stimulus. Combine shards with `featx merge`")
+    p.add_argument("--keep-shards", action="store_true",
+                   help="torchrun: keep the ranks' shard stores after rank 0 merged them")
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="torchrun: give up on a rank silent this long (default 600)")
 
 
 def _cmd_models(args) -> None:
@@ -138,9 +148,11 @@ def _cmd_stages(args) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
-    notes = [s for s in entry.stages if s.note]
-    for s in notes:
-        print(f"note on {s.name}: {s.note}")
+    for s in entry.stages:
+        if s.note:
+            print(f"note on {s.name}: {s.note}")
+    source = f" from {entry.weights.url}" if entry.weights.url else ""
+    print(f"weights: {entry.weights.file}{source} ({entry.weights.layout} layout)")
 
 
 def _describe_input(contract) -> str:
@@ -152,12 +164,15 @@ def _describe_input(contract) -> str:
 
 
 def _cmd_extract(args) -> None:
-    from .pipeline import extract
+    from .distributed import parse_shard, run_extraction
 
-    extract(  # logs its one-line summary
+    run_extraction(  # one process, one shard, or one torchrun rank; logs its summary
         args.model,
         args.inputs,
         args.output,
+        shard=parse_shard(args.shard),
+        keep_shards=args.keep_shards,
+        timeout=args.dist_timeout,
         stages=_parse_stages(args.stages),
         weights=args.weights,
         model_options=_parse_options(args.model_option),
@@ -178,7 +193,7 @@ def _cmd_extract(args) -> None:
         max_store_bytes=_parse_size(args.max_store_size),
         overwrite=args.overwrite,
         progress=not args.no_progress,
-        command=shlex.join(["featx", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("featx") else None,
+        command=shlex.join(["featx", *args.argv]),
     )
 
 
@@ -198,9 +213,10 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_merge(args) -> None:
+    from .distributed import order_shards
     from .store import merge_stores
 
-    merge_stores(args.stores, args.output, overwrite=args.overwrite)
+    merge_stores(order_shards(args.stores), args.output, overwrite=args.overwrite)
     print(f"merged {len(args.stores)} stores into {args.output}")
 
 
