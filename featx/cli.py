@@ -41,8 +41,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .registry import RegistryError
     from .store import StoreError
 
-    return (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, CheckpointError,
-            RegistryError, StoreError, DistributedError)
+    return (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError,
+            CheckpointError, RegistryError, StoreError, DistributedError)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .extractor import Extractor
-from .models import load_model
+from .models import _merge_options, load_model
 from .reduce import Reduction, parse_reductions
 from .registry import ModelEntry, get_entry
 
@@ -102,6 +102,7 @@ class Job:
         if autocast is not None:
             with torch.autocast(self.device.type, dtype=autocast):
                 outputs = self.extractor(batch)
+            _check_finite(outputs, self.precision)
         else:
             outputs = self.extractor(batch)
         values = {}
@@ -135,6 +136,8 @@ def prepare(
 ) -> Job:
     """Check the stimuli, load the model and learn the shape of every stored variable."""
     entry = get_entry(model_name)
+    stage_request = _stage_request(entry, stages)  # unknown stage names fail before any decoding
+    _merge_options(entry, dict(model_options or {}))  # so do unknown model options
     reductions = parse_reductions(reduce)
     if not keep_full and not reductions:
         raise ValueError("keep_full=False (--reduce-only) needs at least one --reduce")
@@ -153,10 +156,21 @@ def prepare(
     channels_last = torch_device.type == "cuda" and entry.modality == "image"
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    extractor = Extractor(model, _stage_request(entry, stages))
+    extractor = Extractor(model, stage_request)
     variables = _probe_variables(extractor, entry, source, torch_device, reductions, keep_full)
     return Job(entry, source, rows, model, extractor, torch_device, variables, reductions, keep_full,
                precision, channels_last, skipped)
+
+
+def _check_finite(outputs: dict[str, torch.Tensor], precision: str) -> None:
+    """Under autocast, an overflow inside the network shows up as inf/NaN: refuse it."""
+    for name, tensor in outputs.items():
+        if not torch.isfinite(tensor).all():
+            raise FloatingPointError(
+                f"stage {name!r} has non-finite values under --precision {precision} (the "
+                "reduced-precision forward pass overflowed); nothing of this batch was written. "
+                "Rerun with --precision bf16 (wider range) or fp32."
+            )
 
 
 def shard_rows(n: int, shard: tuple[int, int] | None) -> np.ndarray:
@@ -248,8 +262,6 @@ def extract(
         todo = writer.pending_rows()
         n_rows = len(job.rows)
         resumed = len(todo) < n_rows
-        if resumed:
-            log.info("resuming %s: %d of %d stimuli already done", store, n_rows - len(todo), n_rows)
 
         # Extract batch by batch; a background thread writes while the next batch runs.
         workers = _auto_workers(workers, len(todo), batch_size)
@@ -324,6 +336,10 @@ def _stage_request(entry: ModelEntry, stages) -> list[str] | dict[str, str]:
         return entry.stage_names
     if isinstance(stages, Mapping):
         return {name: entry.stage(name).module if path is None else path for name, path in stages.items()}
+    if isinstance(stages, str):
+        raise TypeError(f"stages must be a list of stage names or a mapping, not the string {stages!r}")
+    for name in stages:
+        entry.stage(name)  # KeyError naming close matches
     return list(stages)
 
 
