@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import signal
 import sys
 import tomllib
 from typing import Sequence
@@ -24,8 +25,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    signal.signal(signal.SIGTERM, _terminate)  # schedulers stop jobs with SIGTERM
     try:
         return args.run(args) or 0
+    except _Terminated:
+        print("featx: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("featx: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -33,6 +38,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"featx: error: {message}", file=sys.stderr)
         return 2
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: unwind (closing the store cleanly) and exit."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -207,10 +207,12 @@ def test_ctrl_c_then_rerun_equals_an_uninterrupted_run(interrupted, reference, t
     assert [r["rows_complete"] for r in final["provenance"]["resumed"]] == [2 * BATCH]
 
 
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM],
+                         ids=["kill-9", "ctrl-c", "sigterm"])
 def test_stopped_after_some_batches_then_rerun(images, reference, tmp_path, stop):
-    """SIGKILL (kill -9, OOM killer) or SIGINT (Ctrl-C in a terminal) to the whole
-    process group, DataLoader workers included, once some rows are complete."""
+    """SIGKILL (kill -9, OOM killer), SIGINT (Ctrl-C in a terminal) or SIGTERM (a
+    scheduler's preemption) to the whole process group, DataLoader workers included,
+    once some rows are complete."""
     out, log = tmp_path / "run.h5", tmp_path / "child.log"
     argv = extract_argv(images, out)
     proc = start_slow_cli(argv, delay=0.5, log=log)
@@ -223,8 +225,9 @@ def test_stopped_after_some_batches_then_rerun(images, reference, tmp_path, stop
     if stop == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
     else:
-        assert proc.returncode == 130, log.read_text(errors="replace")[-3000:]
-        assert "interrupted; rerun the same command to resume" in log.read_text()
+        code, said = (130, "interrupted") if stop == signal.SIGINT else (143, "terminated (SIGTERM)")
+        assert proc.returncode == code, log.read_text(errors="replace")[-3000:]
+        assert f"{said}; rerun the same command to resume" in log.read_text()
         with h5py.File(out, "r") as h5:  # closed cleanly: plain h5py opens it
             assert h5.attrs["store_state"] == "writing"
 
