@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import errno
 import fnmatch
-import hashlib
 import logging
 import os
 import pickle
@@ -37,6 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+
+from ._files import sha256_file
 
 __all__ = [
     "LAYOUTS",
@@ -87,15 +88,6 @@ class Checkpoint:
     layout: str
     normalization: dict | None = None
     extras: dict = field(default_factory=dict)
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Return the SHA-256 hex digest of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_checkpoint(

@@ -25,16 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 
 
-@pytest.fixture(scope="module")
-def fill_module(shared):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("featx_fill_cli", shared / "fidelity" / "fill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def checkpoint_for(name: str, shared: Path, fill_module, folder: Path) -> Path:
     path = folder / featx.get_entry(name).weights.file
     if featx.get_entry(name).modality == "audio":

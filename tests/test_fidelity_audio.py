@@ -11,7 +11,6 @@ checks them against its own constants while loading.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 import featx
+from conftest import reference, reference_stages
 from featx.checkpoints import CheckpointError, read_checkpoint
 from featx.models.coch_cnn9 import build_coch_cnn9, same_padding
 from featx.models.coch_resnet50 import build_coch_resnet50
@@ -35,29 +35,6 @@ BUFFER_OF = {
 
 
 # --- reference material --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fidelity(shared) -> Path:
-    return shared / "fidelity"
-
-
-@pytest.fixture(scope="module")
-def fill_module(fidelity):
-    """``shared/fidelity/fill.py``, imported from where it lies."""
-    spec = importlib.util.spec_from_file_location("featx_fidelity_fill", fidelity / "fill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def reference(fidelity: Path, name: str) -> dict[str, np.ndarray]:
-    with np.load(fidelity / f"{name}.npz") as npz:
-        return {key: npz[key] for key in npz.files}
-
-
-def reference_stages(ref: dict) -> list[str]:
-    return [key[: -len(".shape")] for key in ref if key.endswith(".shape")]
 
 
 def stand_in_state(fidelity: Path, fill_module, name: str) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ See ``shared/fidelity/README.md``.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 import featx
+from conftest import reference, reference_stages
 from featx.checkpoints import read_checkpoint
 from featx.models.cornet_s import build_cornet_s
 from featx.models.lowpass_alexnet import build_lowpass_alexnet, hann_window2d
@@ -37,29 +37,6 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 # --- reference material --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fidelity(shared) -> Path:
-    return shared / "fidelity"
-
-
-@pytest.fixture(scope="module")
-def fill_module(fidelity):
-    """``shared/fidelity/fill.py``, imported from where it lies."""
-    spec = importlib.util.spec_from_file_location("featx_fidelity_fill", fidelity / "fill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def reference(fidelity: Path, name: str) -> dict[str, np.ndarray]:
-    with np.load(fidelity / f"{name}.npz") as npz:
-        return {key: npz[key] for key in npz.files}
-
-
-def reference_stages(ref: dict) -> list[str]:
-    return [key[: -len(".shape")] for key in ref if key.endswith(".shape")]
 
 
 def manifest_keys(fidelity: Path, fill_module, name: str) -> list[str]:

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._blocks import alexnet_classifier
+
 __all__ = ["HannPooling2d", "LowpassAlexNet", "build_lowpass_alexnet", "hann_window2d"]
 
 
@@ -115,15 +117,7 @@ class LowpassAlexNet(nn.Module):
             HannPooling2d(stride=2, pool_size=9, padding=2),  # 12 hpool2
         )
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-        self.classifier = nn.Sequential(
-            nn.Dropout(p=dropout),          # 0
-            nn.Linear(256 * 6 * 6, 4096),   # 1 fc0
-            nn.ReLU(),                      # 2 fc0_relu
-            nn.Dropout(p=dropout),          # 3
-            nn.Linear(4096, 4096),          # 4 fc1
-            nn.ReLU(),                      # 5 fc1_relu
-            nn.Linear(4096, num_classes),   # 6 final
-        )
+        self.classifier = alexnet_classifier(256 * 6 * 6, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))

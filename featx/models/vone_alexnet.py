@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._blocks import alexnet_classifier
+
 __all__ = [
     "AlexNetBackEnd",
     "GaborFilterBank",
@@ -261,15 +263,7 @@ class AlexNetBackEnd(nn.Module):
             nn.MaxPool2d(kernel_size=3, stride=2, padding=1),         # 9 maxpool2
         )
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
-        self.classifier = nn.Sequential(
-            nn.Dropout(p=dropout),          # 0
-            nn.Linear(256 * 7 * 7, 4096),   # 1 fc0
-            nn.ReLU(),                      # 2 fc0_relu
-            nn.Dropout(p=dropout),          # 3
-            nn.Linear(4096, 4096),          # 4 fc1
-            nn.ReLU(),                      # 5 fc1_relu
-            nn.Linear(4096, num_classes),   # 6 final
-        )
+        self.classifier = alexnet_classifier(256 * 7 * 7, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))

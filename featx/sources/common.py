@@ -9,7 +9,6 @@ describe each item with a :class:`Stimulus` record.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 import re
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Iterable, NamedTuple
 
 import numpy as np
+
+from featx._files import sha256_file as file_sha256
 
 __all__ = [
     "BadFile",
@@ -40,7 +41,6 @@ logger = logging.getLogger(__name__)
 # Folders that tools leave behind and that never hold stimuli.
 _SKIPPED_FOLDERS = frozenset({"__MACOSX"})
 _NUMBER = re.compile(r"([0-9]+)")
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -325,15 +325,6 @@ def read_stimulus_list(
 
 
 # --- records --------------------------------------------------------------------
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def make_stimulus(
