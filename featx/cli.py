@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import signal
 import sys
@@ -31,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Terminated:
         print("featx: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
         return 143
+    except BrokenPipeError:  # e.g. `featx info STORE | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("featx: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -54,7 +58,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .registry import RegistryError
     from .store import StoreError
 
-    return (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError,
+    return (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError,
+            NotADirectoryError, PermissionError, FloatingPointError,
             CheckpointError, RegistryError, StoreError, DistributedError)
 
 
@@ -193,7 +198,7 @@ def _cmd_extract(args) -> None:
         stimuli=args.stimuli,
         background=_parse_colour(args.background),
         clip=args.clip,
-        hop=args.hop,
+        hop=_positive_seconds("--hop", args.hop),
         skip_bad=args.skip_bad,
         reduce=args.reduce,
         keep_full=not args.reduce_only,
@@ -284,6 +289,12 @@ def _parse_size(text: str | None) -> int | None:
     if value <= 0:
         raise ValueError(f"--max-store-size {text!r} must be positive")
     return int(value)
+
+
+def _positive_seconds(flag: str, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{flag} {value} must be a positive number of seconds")
+    return value
 
 
 def _positive(flag: str, value: int | None) -> int | None:

@@ -97,6 +97,9 @@ class Extractor:
         return names
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(f"the extractor takes a torch.Tensor batch, got {type(batch).__name__}; "
+                            "convert with torch.as_tensor(...)")
         captured: dict[str, list[torch.Tensor]] = {p: [] for p in set(self.stage_paths.values()) if p}
         handles = [
             self.model.get_submodule(path).register_forward_hook(self._hook(path, captured, len(batch)))

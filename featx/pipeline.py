@@ -265,7 +265,7 @@ def extract(
         progress: show a progress bar.
         command: the command line to record (the CLI passes its own).
     """
-    from .store import StoreWriter
+    from .store import StoreCompleteError, StoreWriter
 
     started = time.perf_counter()
     start_time = _now()
@@ -274,12 +274,23 @@ def extract(
                   hop=hop, skip_bad=skip_bad, reduce=reduce, keep_full=keep_full, device=device,
                   precision=precision, shard=shard)
     batch_size = batch_size or _auto_batch_size(job.variables, job.device)
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers {workers} must be 0 or more")
+    if any(os.path.abspath(s.path) == os.path.abspath(store) for s in job.source.stimuli):
+        raise ValueError(f"the output {str(store)!r} is one of the stimulus files; choose another path")
 
     # Open the store: create it, or resume an unfinished one with the same settings.
     config = _config(job, storage_dtype, shard)
     provenance = _provenance(job, batch_size, workers, command, start_time)
     layout = _layout(job, config, provenance, storage_dtype, compression)
-    writer = StoreWriter.open(store, layout, overwrite=overwrite, max_bytes=max_store_bytes)
+    try:
+        writer = StoreWriter.open(store, layout, overwrite=overwrite, max_bytes=max_store_bytes)
+    except StoreCompleteError:
+        log.info("%s is already complete with these settings; nothing to do (--overwrite "
+                 "extracts again)", store)
+        return ExtractionResult(store=str(store), rows=len(job.rows), rows_written=0,
+                                seconds=time.perf_counter() - started, resumed=True,
+                                skipped=job.skipped, outputs={k: v[0] for k, v in job.variables.items()})
     try:
         todo = writer.pending_rows()
         n_rows = len(job.rows)
@@ -379,13 +390,25 @@ def _probe_variables(extractor, entry, source, device, reductions, keep_full) ->
             if shape != expected:
                 raise RuntimeError(f"stage {stage_name!r} of {entry.name!r} has shape {shape}, but the "
                                    f"registry ({entry.path}) says {expected}")
-        if keep_full:
-            variables[name] = (shape, dims, None)
-        for r in reductions:
-            if r.applies_to(dims):
-                variables[f"{name}.{r.suffix}"] = (*r.output(shape, dims), (r, name, dims))
-    if not variables:
-        raise ValueError(f"no reduction applies to the requested stages: {', '.join(outputs)}")
+        reduced = [r for r in reductions if r.applies_to(dims)]
+        if not keep_full and not reduced:
+            raise ValueError(
+                f"--reduce-only: none of the reductions ({', '.join(r.kind for r in reductions)}) "
+                f"applies to stage {name!r} with axes {dims}, so it would be dropped; leave it out "
+                "of --stages, add a reduction that applies (srp:DIM applies to every stage), or "
+                "store full activations")
+        candidates = ([(name, (shape, dims, None))] if keep_full else []) + [
+            (f"{name}.{r.suffix}", (*r.output(shape, dims), (r, name, dims))) for r in reduced]
+        for r in reduced:
+            r.check_size(name, int(np.prod(shape)))
+        for variable, spec in candidates:
+            if variable in variables:
+                raise ValueError(f"two outputs would both be stored as {variable!r}; rename the "
+                                 "stage in --stages")
+            variables[variable] = spec
+    for r in reductions:
+        if not any(how is not None and how[0] == r for _, _, how in variables.values()):
+            log.warning("--reduce %s applies to none of the requested stages", r.kind)
     return variables
 
 

@@ -28,6 +28,8 @@ import torch
 __all__ = ["Reduction", "parse_reductions", "sparse_projection"]
 
 _SPATIAL = ("y", "x")
+#: Largest sparse projection matrix featx builds (indices + values), in bytes.
+_SRP_MATRIX_LIMIT = 2 << 30
 _DIGITS = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() accepts '²', which int() refuses
 
 
@@ -66,6 +68,22 @@ class Reduction:
             return (1,), ("feature",)
         return tuple(s for s, _ in kept), tuple(d for _, d in kept)
 
+    def check_size(self, stage: str, n_features: int) -> None:
+        """Refuse a projection that is no reduction, or whose matrix would not fit."""
+        if self.kind != "srp":
+            return
+        if self.dim >= n_features:
+            raise ValueError(
+                f"--reduce srp:{self.dim} on stage {stage!r}, which has only {n_features} features: "
+                "a projection to as many features or more is no reduction; choose a smaller DIM "
+                "or store the stage in full")
+        nnz = self.dim * math.sqrt(n_features)
+        if nnz * 20 > _SRP_MATRIX_LIMIT:
+            raise ValueError(
+                f"--reduce srp:{self.dim} on stage {stage!r} ({n_features} features) needs a sparse "
+                f"matrix of about {nnz * 20 / 2**30:.1f} GiB; choose a smaller DIM (at most "
+                f"{int(_SRP_MATRIX_LIMIT / 20 / math.sqrt(n_features))} for this stage)")
+
     def apply(self, batch: torch.Tensor, dims: tuple[str, ...]) -> torch.Tensor:
         """Reduce ``batch`` of shape ``(B, *shape)`` whose per-item axes are ``dims``."""
         if self.kind == "srp":
@@ -80,6 +98,8 @@ class Reduction:
 
 def parse_reductions(specs: list[str] | tuple[str, ...] | None) -> list[Reduction]:
     """Parse ``--reduce`` values such as ``spatial-mean``, ``time-mean``, ``srp:1000:7``."""
+    if isinstance(specs, str):
+        specs = [specs]
     out = []
     for spec in specs or ():
         for part in str(spec).split(","):

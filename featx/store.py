@@ -807,7 +807,11 @@ def _open_read(path: str | os.PathLike) -> h5py.File:
     for attempt in range(_READ_ATTEMPTS):
         try:
             return h5py.File(path, "r", swmr=True, locking="best-effort")
-        except OSError:
+        except OSError as err:
+            if _SWMR_MISMATCH in str(err):
+                # this process already holds the file open without SWMR (a plain h5py
+                # or xarray handle): HDF5 then only allows the same kind of open
+                return h5py.File(path, "r", locking="best-effort")
             # StoreWriter.finish and resume hold the file in normal (non-SWMR) write
             # mode for a moment; SWMR readers are refused meanwhile.
             if attempt == _READ_ATTEMPTS - 1 or not _write_flags_set(Path(path)):
@@ -816,9 +820,13 @@ def _open_read(path: str | os.PathLike) -> h5py.File:
     raise AssertionError("unreachable")
 
 
-def _not_featx(path: Path, why: str) -> StoreError:
-    return StoreError(f"{path} {why}, so it is not a featx store; to replace it pass "
-                      "overwrite=True (--overwrite), or choose another path")
+_SWMR_MISMATCH = "SWMR read access flag not the same"
+
+
+def _not_featx(path: Path, why: str, replace_hint: bool = False) -> StoreError:
+    hint = ("; to replace it pass overwrite=True (--overwrite), or choose another path"
+            if replace_hint else "")
+    return StoreError(f"{path} {why}, so it is not a featx store{hint}")
 
 
 def store_header(path: str | os.PathLike) -> StoreHeader:
@@ -896,7 +904,14 @@ def open_store(path: str | os.PathLike, *, complete_only: bool = True,
 
     header = store_header(path)
     driver_kwds = {"swmr": True, "locking": "best-effort", **kwargs.pop("driver_kwds", {})}
-    ds = xr.open_dataset(path, engine="h5netcdf", driver_kwds=driver_kwds, **kwargs)
+    try:
+        ds = xr.open_dataset(path, engine="h5netcdf", driver_kwds=driver_kwds, **kwargs)
+    except OSError as err:
+        if _SWMR_MISMATCH not in str(err):
+            raise
+        # already open in this process without SWMR (see _open_read)
+        driver_kwds.pop("swmr")
+        ds = xr.open_dataset(path, engine="h5netcdf", driver_kwds=driver_kwds, **kwargs)
     complete = ds[ROW_COMPLETE].values.astype(bool)
     n_done = int(complete.sum())
     if header.state != STATE_COMPLETE or n_done < len(complete):
@@ -1204,12 +1219,16 @@ def _move_no_clobber(tmp: Path, path: Path) -> None:
 
 
 def _existing_header(path: Path) -> StoreHeader:
+    """The header of a file that is about to be resumed or replaced."""
     try:
         return store_header(path)
-    except StoreError:
+    except StoreError as err:
+        if "so it is not a featx store" in str(err):
+            raise StoreError(f"{err}; to replace it pass overwrite=True (--overwrite), or "
+                             "choose another path") from None
         raise
     except (OSError, KeyError, ValueError) as err:
-        raise _not_featx(path, f"cannot be read as a featx store ({err})") from None
+        raise _not_featx(path, f"cannot be read as a featx store ({err})", replace_hint=True) from None
 
 
 def _check_resumable(header: StoreHeader, layout: StoreLayout) -> None:

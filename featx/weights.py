@@ -42,7 +42,11 @@ def resolve_weights(entry: ModelEntry, weights: str | os.PathLike | None) -> Wei
     if weights is None:
         path = weights_cache_dir() / entry.weights.file
         if not path.is_file():
-            where = f" (download it from {entry.weights.url})" if entry.weights.url else ""
+            url = entry.weights.url
+            if url.endswith(".tar"):
+                where = f" (it is inside the archive {url}; download and unpack it)"
+            else:
+                where = f" (download it from {url})" if url else ""
             raise FileNotFoundError(
                 f"weights for {entry.name!r} not found: put {entry.weights.file!r}{where} into "
                 f"{weights_cache_dir()} (or set FEATX_WEIGHTS to the folder holding it), pass "
@@ -51,7 +55,7 @@ def resolve_weights(entry: ModelEntry, weights: str | os.PathLike | None) -> Wei
         return WeightsChoice(path=path)
     text = str(weights)
     if text == "random" or text.startswith("random:"):
-        seed_text = text.partition(":")[2] or str(DEFAULT_RANDOM_SEED)
+        seed_text = text.partition(":")[2] if ":" in text else str(DEFAULT_RANDOM_SEED)
         try:
             return WeightsChoice(seed=int(seed_text))
         except ValueError:

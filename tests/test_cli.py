@@ -364,3 +364,85 @@ def test_merge_refuses_other_settings_and_shared_stimuli(capsys, parts, images, 
     code, _, err = run(capsys, "merge", parts["a"], tmp_path / "absent.h5", "-o", tmp_path / "x.h5")
     assert_one_line_error(code, err, str(tmp_path / "absent.h5"))
 
+
+
+# --- found by a first-use test ---------------------------------------------------
+
+IMAGES = Path(__file__).resolve().parents[1] / "examples" / "images"
+
+
+def test_uint8_input_is_refused_not_turned_into_nan():
+    import torch
+
+    import featx
+
+    model = featx.load_model("alexnet", "random")
+    with pytest.raises(TypeError, match="x.float\\(\\) / 255"):
+        featx.Extractor(model, ["relu0"])((torch.rand(1, 3, 224, 224) * 255).to(torch.uint8))
+
+
+def test_input_in_0_255_warns_that_it_is_clamped():
+    import torch
+
+    import featx
+    from featx.models._input import InputRangeWarning
+
+    model = featx.load_model("alexnet", "random")
+    with pytest.warns(InputRangeWarning, match="0-255"):
+        featx.Extractor(model, ["relu0"])(torch.rand(1, 3, 224, 224) * 255)
+
+
+def test_reduce_only_refuses_to_drop_a_stage_it_cannot_reduce(tmp_path, capsys):
+    code = main(["extract", "alexnet", str(IMAGES), "-o", str(tmp_path / "r.h5"), "--weights", "random",
+                 "--stages", "relu0,final", "--reduce", "spatial-mean", "--reduce-only", "--no-progress"])
+    assert code == 2
+    assert "'final'" in capsys.readouterr().err
+    assert not (tmp_path / "r.h5").exists()
+
+
+def test_stage_name_clashing_with_a_reduction_is_refused(tmp_path, capsys):
+    code = main(["extract", "alexnet", str(IMAGES), "-o", str(tmp_path / "r.h5"), "--weights", "random",
+                 "--stages", "relu0.spatial_mean=features.3,relu0", "--reduce", "spatial-mean", "--no-progress"])
+    assert code == 2
+    assert "relu0.spatial_mean" in capsys.readouterr().err
+
+
+def test_oversized_projection_is_refused(tmp_path, capsys):
+    code = main(["extract", "alexnet", str(IMAGES), "-o", str(tmp_path / "r.h5"), "--weights", "random",
+                 "--stages", "final", "--reduce", "srp:5000", "--no-progress"])
+    assert code == 2
+    assert "only 1000 features" in capsys.readouterr().err
+
+
+def test_bad_workers_leaves_an_existing_store_untouched(tmp_path):
+    store = tmp_path / "keep.h5"
+    argv = ["extract", "alexnet", str(IMAGES / "space"), "-o", str(store), "--weights", "random",
+            "--stages", "relu0", "--no-progress"]
+    assert main(argv) == 0
+    before = store.read_bytes()
+    assert main([*argv, "--workers", "-1", "--overwrite"]) == 2
+    assert store.read_bytes() == before
+
+
+def test_rerun_of_a_complete_store_is_nothing_to_do(tmp_path):
+    store = tmp_path / "done.h5"
+    argv = ["extract", "alexnet", str(IMAGES / "space"), "-o", str(store), "--weights", "random",
+            "--stages", "relu0", "--no-progress"]
+    assert main(argv) == 0
+    before = store.read_bytes()
+    assert main(argv) == 0
+    assert store.read_bytes() == before
+
+
+def test_open_store_after_a_plain_xarray_open_in_the_same_process(tmp_path):
+    import xarray as xr
+
+    import featx
+
+    store = tmp_path / "s.h5"
+    assert main(["extract", "alexnet", str(IMAGES / "space"), "-o", str(store), "--weights", "random",
+                 "--stages", "relu0", "--no-progress"]) == 0
+    with xr.open_dataset(store, engine="h5netcdf") as plain:
+        ds = featx.open_store(store)
+        assert ds["relu0"].shape == plain["relu0"].shape
+        ds.close()

@@ -8,12 +8,13 @@ paths stay exactly those of the published checkpoint.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["attach_input_normalization"]
+__all__ = ["InputRangeWarning", "attach_input_normalization"]
 
 
 def attach_input_normalization(
@@ -41,9 +42,27 @@ def attach_input_normalization(
     return model
 
 
+class InputRangeWarning(UserWarning):
+    """A model input lies well outside the range the model takes; it was clamped."""
+
+
 def _normalize_input(module: nn.Module, args: tuple) -> tuple:
     x, *rest = args
     low, high = module.featx_value_range
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"the model takes a torch.Tensor batch, got {type(x).__name__}; "
+                        "convert with torch.as_tensor(...)")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"the model takes float values in [{low:g}, {high:g}], got a {x.dtype} tensor; for "
+            "8-bit images use x.float() / 255"
+        )
+    span = high - low
+    if x.numel() and bool(((x < low - 0.5 * span) | (x > high + 0.5 * span)).any()):
+        warnings.warn(
+            f"input values from {x.min().item():g} to {x.max().item():g} lie well outside the "
+            f"model's range [{low:g}, {high:g}] and are clamped to it (images must be RGB in "
+            "[0, 1], not 0-255)", InputRangeWarning, stacklevel=3)
     shape = [1] * x.dim()
     if module.featx_input_mean.numel() > 1:
         shape[module.featx_channel_dim] = -1

@@ -212,7 +212,12 @@ def _walk(
                 logger.debug("skipping %s: links back to a folder above it", path)
                 continue
             _walk(path, root, exts, ancestors | {inode}, found)
-        elif not entry.is_file():  # broken link, socket, fifo ...
+        elif entry.is_symlink() and not path.exists():
+            if path.suffix.lower().lstrip(".") in exts:
+                logger.warning("skipping %s: broken symbolic link (to %s)", path, os.readlink(path))
+            else:
+                logger.debug("skipping %s: broken symbolic link", path)
+        elif not entry.is_file():  # socket, fifo ...
             logger.debug("skipping %s: not a regular file", path)
         elif path.suffix.lower().lstrip(".") not in exts:
             logger.debug("skipping %s: extension not in %s", path, sorted(exts))
