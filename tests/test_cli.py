@@ -23,10 +23,9 @@ from PIL import Image
 
 import featx
 from featx.cli import main
+from conftest import RUN_MODE_VARIABLES
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_MODE_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID",
-                      "SLURM_ARRAY_TASK_COUNT")
 FAST = ["--stages", "relu0", "--weights", "random", "--batch-size", "1", "--workers", "0",
         "--no-progress"]
 RELU0_VALUES = 64 * 55 * 55  # per stimulus, from the seed document's table
@@ -55,12 +54,6 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     assert "Traceback" not in err
     for fragment in fragments:
         assert fragment in err, err
-
-
-@pytest.fixture(autouse=True)
-def plain_run_mode(monkeypatch):
-    for name in RUN_MODE_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import torch
 
 import featx
 from conftest import reference, reference_stages
+from conftest import write_feather as write_feather_checkpoint
 from featx.checkpoints import CheckpointError, read_checkpoint
 from featx.models.coch_cnn9 import build_coch_cnn9, same_padding
 from featx.models.coch_resnet50 import build_coch_resnet50
@@ -50,15 +51,9 @@ def stand_in_state(fidelity: Path, fill_module, name: str) -> dict[str, torch.Te
 
 
 def write_feather(state: dict[str, torch.Tensor], path: Path) -> Path:
-    """Save ``state`` as robustness/train.py does: attacker copies and normaliser buffers."""
-    model = dict(state)
-    for key, value in state.items():
-        model["module.attacker.model." + key[len(FEATHER_NET):]] = value
-    for prefix in ("module.preproc.normalize.", "module.attacker.preproc.normalize."):
-        model[prefix + "new_mean"] = torch.zeros(1, 1, 1, dtype=torch.int64)
-        model[prefix + "new_std"] = torch.ones(1, 1, 1, dtype=torch.int64)
-    torch.save({"model": model, "epoch": 6}, path)
-    return path
+    """The audio models' Feather file: int64 mean 0 / std 1 normaliser buffers (spec 0)."""
+    zeros, ones = torch.zeros(1, 1, 1, dtype=torch.int64), torch.ones(1, 1, 1, dtype=torch.int64)
+    return write_feather_checkpoint(state, path, zeros, ones, epoch=6)
 
 
 @pytest.fixture(scope="module")

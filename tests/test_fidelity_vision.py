@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import featx
-from conftest import reference, reference_stages
+from conftest import reference, reference_stages, write_feather
 from featx.checkpoints import read_checkpoint
 from featx.models.cornet_s import build_cornet_s
 from featx.models.lowpass_alexnet import build_lowpass_alexnet, hann_window2d
@@ -56,16 +56,9 @@ def write_stand_in(fidelity: Path, fill_module, name: str, path: Path) -> Path:
         torch.save({"state_dict": state}, path)
         return path
 
-    # Feather layout: DataParallel(AttackerModel) state dict under "model"; the attacker
-    # holds the same network, so its copies are the same tensors
-    model = dict(state)
-    for key, value in state.items():
-        model["module.attacker.model." + key[len(FEATHER_NET):]] = value
-    for prefix in ("module.preproc.normalize.", "module.attacker.preproc.normalize."):
-        model[prefix + "new_mean"] = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        model[prefix + "new_std"] = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    torch.save({"model": model, "epoch": 120}, path)
-    return path
+    # Feather layout: DataParallel(AttackerModel) state dict under "model"
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return write_feather(state, path, mean, std, epoch=120)
 
 
 @pytest.fixture(scope="module")

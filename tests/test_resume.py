@@ -26,16 +26,14 @@ from PIL import Image
 from featx.cli import main
 from featx.store import IncompleteStoreWarning, open_store
 
+from conftest import RUN_MODE_VARIABLES
+
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 10
 BATCH = 2
 STAGES = ("relu0", "relu4")
 OPTIONS = {"--stages": ",".join(STAGES), "--weights": "random", "--batch-size": str(BATCH)}
 WAIT_S = 180  # bound on every wait for a child process
-# Environment variables that would turn a plain run into a shard or a torchrun rank.
-RUN_MODE_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID",
-                      "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX",
-                      "SLURM_ARRAY_TASK_STEP")
 
 # The child: the real CLI, with a pause before each batch so that the parent can
 # act between batches.
@@ -138,12 +136,6 @@ def wait_for_rows(path: Path, proc: subprocess.Popen, at_least: int, log: Path) 
                         f"complete:\n{log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.02)
     pytest.fail(f"no {at_least} complete rows within {WAIT_S} s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-@pytest.fixture(autouse=True)
-def plain_run_mode(monkeypatch):
-    for name in RUN_MODE_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,10 @@ from PIL import Image
 from featx.cli import main
 from featx.store import StoreError
 from featx.verify import CHANGED, DIFFERS, MATCH, MISSING, default_rtol, verify_store
+from conftest import RUN_MODE_VARIABLES
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 4
-RUN_MODE_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID",
-                      "SLURM_ARRAY_TASK_COUNT")
 
 
 def make_images(folder: Path, n: int, seed: int = 11) -> Path:
